@@ -192,6 +192,24 @@ def test_attention_implementations_agree(tiny_model, tiny_processor, implementat
         torch.testing.assert_close(model(**inputs).logits, tiny_model(**inputs).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash_attention_2 needs a CUDA GPU")
+def test_flash_attention_2_agrees_with_sdpa(tiny_model, tiny_processor, tmp_path):
+    pytest.importorskip("flash_attn")
+    tiny_model.save_pretrained(tmp_path)
+    inputs = tiny_processor(
+        videos=make_frames(8, 32, 32), masks=[{1: box_mask(32, 32, 0, 0, 16, 16)}],
+        text=chat_prompt(tiny_processor, "Describe <region>."), return_tensors="pt",
+    ).to("cuda")
+    logits = {}
+    for implementation in ("sdpa", "flash_attention_2"):
+        model = VideoReferForCausalLM.from_pretrained(
+            tmp_path, attn_implementation=implementation, dtype=torch.bfloat16
+        ).to("cuda").eval()
+        with torch.no_grad():
+            logits[implementation] = model(**inputs).logits.float()
+    torch.testing.assert_close(logits["flash_attention_2"], logits["sdpa"], rtol=2e-2, atol=2e-2)
+
+
 def test_placeholder_count_mismatch_is_an_error(tiny_model, tiny_processor):
     inputs = tiny_processor(
         videos=make_frames(8, 32, 32), masks=[{1: box_mask(32, 32, 0, 0, 16, 16)}],

@@ -88,12 +88,12 @@ def run_describe(args: argparse.Namespace) -> int:
 
     from . import VideoReferProcessor  # noqa: F401  (registers the Auto classes)
 
+    regions = [parse_region(spec) for spec in args.mask]
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     loaded = time.perf_counter()
 
-    regions = [parse_region(spec) for spec in args.mask]
     visual = "image" if _is_image(args.video) else "video"
     question = args.question
     if f"<{visual}>" not in question:
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:
         print(f"videorefer {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -201,6 +201,10 @@ class VideoReferObjectEncoder(nn.Module):
             [num_region_tokens_total, text_dim] region tokens, object by object, `min(k, num_region_tokens)` for an
             object with k masks.
         """
+        device = frame_features.device
+        masks, mask_sizes, frame_index, object_index = (
+            tensor.to(device) for tensor in (masks, mask_sizes, frame_index, object_index)
+        )
         pooled = mask_pool(
             frame_features, masks, frame_index, mask_sizes, out_dtype=torch.float32, backend=self.kernel_backend
         )
