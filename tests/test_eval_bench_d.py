@@ -282,6 +282,46 @@ def test_judge_over_http_retries_reports_failures_and_means(bench_d_files, tmp_p
     assert lines[4]["scores"] is None and lines[4]["raw"] == "The description is decent overall."
 
 
+def test_items_that_could_not_be_preprocessed_are_not_judged(bench_d_files, tmp_path, fast_retries):
+    annotations, _ = bench_d_files
+    items = load_bench_d(annotations)[:4]
+    error = "masks[0][0]: the region has no pixels on any of its frames [0]"
+    predictions = {str(i): {"id": i, "prediction": f"pred-{i}"} for i in (0, 1)}
+    predictions["2"] = {"id": 2, "prediction": "", "error": error}
+    predictions["3"] = {"id": 3, "prediction": "", "error": "item 3: no video or frame folder at /data/clip_3.mp4"}
+    judgements = tmp_path / "j.jsonl"
+    # a judgement left by an earlier run, when item 2 still had a prediction
+    judgements.write_text(
+        json.dumps(
+            {
+                "id": 2,
+                "judge": "judge-model",
+                "reference": "reference caption 2",
+                "prediction": "pred-2",
+                "scores": dict(zip(("SC", "AD", "TD", "HD"), OK["pred-2"])),
+                "raw": benchmark_layout(*OK["pred-2"]),
+                "error": None,
+            }
+        )
+        + "\n"
+    )
+    with ScriptedJudgeServer(scripts()) as server:
+        judge = OpenAICompatibleJudge(server.base_url, "judge-model", max_attempts=4)
+        report = judge_bench_d(items, predictions, judge, judgements, concurrency=2, progress=False)
+        asked = {request["prediction"] for request in server.requests}
+    assert asked == {"pred-0", "pred-1"}  # pred-1 is retried after server errors
+    means, average = expected_means([0, 1])
+    assert [report[key] for key in ("SC", "AD", "TD", "HD")] == pytest.approx(means)
+    assert report["average"] == pytest.approx(average)
+    assert (report["scored"], report["total"]) == (2, 4)
+    assert report["failed"] == [
+        {"id": 2, "reason": f"could not be preprocessed: {error}"},
+        {"id": 3, "reason": "could not be preprocessed: item 3: no video or frame folder at /data/clip_3.mp4"},
+    ]
+    # the judgements file keeps the judged items only
+    assert [json.loads(line)["id"] for line in judgements.read_text().splitlines()] == [0, 1]
+
+
 def test_backoff_grows_exponentially_and_honours_retry_after(fast_retries):
     server_scripts = {"x": [("status", 500), ("status", 502), ("status", 429, 7), ("status", 504), ("ok", "done")]}
     with ScriptedJudgeServer(server_scripts) as server:

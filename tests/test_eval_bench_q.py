@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from transformers_videorefer.evaluation import load_bench_q, parse_choice_letter, score_bench_q
+from transformers_videorefer.evaluation import load_bench_q, load_predictions, parse_choice_letter, score_bench_q
 from transformers_videorefer.evaluation.cli import main
 
 
@@ -80,8 +80,6 @@ def bench_q_files(tmp_path):
 
 def test_score_bench_q_by_hand(bench_q_files):
     annotations, predictions_path = bench_q_files
-    from transformers_videorefer.evaluation import load_predictions
-
     report = score_bench_q(load_bench_q(annotations), load_predictions(predictions_path))
     # by hand: Basic 1/2, Sequential 2/2, Relationship 0/1, Reasoning 2/2, Future 0/2; overall 5/9
     assert report["per_type"] == pytest.approx(
@@ -104,6 +102,34 @@ def test_score_bench_q_by_hand(bench_q_files):
     assert (report["correct"], report["total"]) == (5, 9)
     assert [entry["id"] for entry in report["unparsed"]] == [4, 8]
     assert report["missing"] == [6]
+    assert report["failed"] == []
+
+
+def test_items_that_could_not_be_preprocessed_count_as_wrong_and_are_listed(bench_q_files):
+    annotations, predictions_path = bench_q_files
+    predictions = load_predictions(predictions_path)
+    # item 0 was answered correctly and item 5 ("B") too; now inference could not preprocess them
+    error = "masks[0][0]: the region has no pixels on any of its frames [3]"
+    for key in ("0", "5"):
+        predictions[key] = {"id": int(key), "prediction": "", "error": error}
+    report = score_bench_q(load_bench_q(annotations), predictions)
+    assert (report["correct"], report["total"]) == (3, 9)
+    assert report["per_type"]["Basic Questions"] == pytest.approx(0.0)
+    assert report["per_type"]["Reasoning Questions"] == pytest.approx(50.0)
+    assert report["failed"] == [
+        {"id": 0, "reason": f"could not be preprocessed: {error}"},
+        {"id": 5, "reason": f"could not be preprocessed: {error}"},
+    ]
+    assert [entry["id"] for entry in report["unparsed"]] == [4, 8]  # the empty predictions are not "unparsed"
+
+
+def test_load_predictions_checks_the_error_field(tmp_path):
+    path = tmp_path / "preds.jsonl"
+    path.write_text(json.dumps({"id": 0, "prediction": "", "error": "bad mask"}) + "\n")
+    assert load_predictions(path)["0"]["error"] == "bad mask"
+    path.write_text(json.dumps({"id": 0, "prediction": "", "error": {"reason": "bad mask"}}) + "\n")
+    with pytest.raises(ValueError, match="`error` must be a string or null"):
+        load_predictions(path)
 
 
 def test_predictions_for_unknown_items_are_rejected(bench_q_files):

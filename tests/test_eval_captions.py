@@ -117,10 +117,34 @@ def test_cli_score_captions(tmp_path, capsys):
         == 0
     )
     report = json.loads(report_path.read_text())
-    assert list(report) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+    assert list(report) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "failed"]
+    assert report["failed"] == []
     without_meteor = caption_metrics(REFERENCES, PREDICTIONS, metrics=["BLEU", "ROUGE-L", "CIDEr"])
     assert {key: report[key] for key in without_meteor} == pytest.approx(without_meteor)
     assert 0.0 < report["METEOR"] < 100.0
     out = capsys.readouterr().out
     assert "| Method | BLEU@4 | METEOR | ROUGE_L | CIDEr |" in out
     assert f"| preds | {report['BLEU-4']:.1f} | {report['METEOR']:.1f} |" in out
+
+
+def test_cli_scores_items_that_could_not_be_preprocessed_as_empty_captions(tmp_path):
+    references = tmp_path / "references.json"
+    references.write_text(json.dumps([{"id": key, "caption": texts} for key, texts in REFERENCES.items()]))
+    error = "videos[0]: cannot read video file clip.mp4"
+    predictions = tmp_path / "preds.jsonl"
+    predictions.write_text(
+        json.dumps({"id": "0", "prediction": PREDICTIONS["0"]})
+        + "\n"
+        + json.dumps({"id": "1", "prediction": "", "error": error})
+        + "\n"
+        + json.dumps({"id": "2", "prediction": PREDICTIONS["2"]})
+        + "\n"
+    )
+    report_path = tmp_path / "report.json"
+    arguments = ["--predictions", str(predictions), "--references", str(references), "--report", str(report_path)]
+    assert main(["eval", "score", "captions", *arguments, "--metrics", "BLEU", "CIDEr"]) == 0
+    report = json.loads(report_path.read_text())
+    assert report.pop("failed") == [{"id": "1", "reason": f"could not be preprocessed: {error}"}]
+    with_empty_caption = caption_metrics(REFERENCES, {**PREDICTIONS, "1": ""}, metrics=["BLEU", "CIDEr"])
+    assert report == pytest.approx(with_empty_caption)
+    assert report["CIDEr"] < caption_metrics(REFERENCES, PREDICTIONS, metrics=["CIDEr"])["CIDEr"]

@@ -11,10 +11,13 @@ import sys
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
+import torch
 from PIL import Image
 
-from transformers_videorefer.evaluation import load_bench_q, load_predictions, score_bench_q
+from transformers_videorefer.evaluation import bench_q_requests, load_bench_q, load_predictions, score_bench_q
 from transformers_videorefer.evaluation.cli import main
+from transformers_videorefer.evaluation.inference import _Collator
+from transformers_videorefer.evaluation.prompts import video_user_message
 
 
 av = pytest.importorskip("av")
@@ -70,17 +73,24 @@ def benchmark(tmp_path_factory):
     ]
     annotations = root / "VideoRefer-Bench-Q.json"
     annotations.write_text(json.dumps(items))
-    return {"root": root, "checkpoint": checkpoint, "annotations": annotations, "videos": root / "videos"}
+    (root / "videos" / "broken.mp4").write_bytes(b"not a video")
+    return {
+        "root": root,
+        "checkpoint": checkpoint,
+        "annotations": annotations,
+        "videos": root / "videos",
+        "items": items,
+    }
 
 
-def inference_arguments(benchmark, output, *extra):
+def inference_arguments(benchmark, output, *extra, annotations=None):
     return [
         "eval",
         "bench-q",
         "--model",
         benchmark["checkpoint"],
         "--annotations",
-        str(benchmark["annotations"]),
+        str(annotations or benchmark["annotations"]),
         "--video-root",
         str(benchmark["videos"]),
         "--output",
@@ -167,3 +177,85 @@ def test_two_processes_with_tiny_checkpoint(benchmark, tmp_path):
     assert len(read_predictions(output)) == 2
     assert [by_id[record["id"]] for record in read_predictions(reference)] == read_predictions(reference)
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("shared")) == ["shared.jsonl"]
+
+
+@pytest.mark.parametrize("mode", ["single", "multi"])
+def test_items_prepared_alone_are_padded_as_the_processor_pads_a_batch(benchmark, mode):
+    """The collator prepares each item alone; its batch must equal the processor's own batch of the same items."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(benchmark["checkpoint"])
+    requests = bench_q_requests(load_bench_q(benchmark["annotations"]), benchmark["videos"], mode)
+    batch = _Collator(processor, num_frames=4)(requests)
+    assert batch.requests == requests and batch.failures == []
+    texts = [
+        processor.tokenizer.apply_chat_template(
+            [video_user_message(request.question)], tokenize=False, add_generation_prompt=True
+        )
+        for request in requests
+    ]
+    expected = processor(
+        videos=[request.video for request in requests],
+        masks=[request.masks for request in requests],
+        text=texts,
+        num_frames=4,
+        padding=True,
+        return_tensors="pt",
+    )
+    assert batch.inputs.keys() == expected.keys()
+    assert batch.inputs["input_ids"].shape[1] > min(batch.inputs["attention_mask"].sum(dim=1))  # padding happened
+    for key, value in expected.items():
+        assert batch.inputs[key].dtype == value.dtype and torch.equal(batch.inputs[key], value), key
+
+
+def with_id(entry, item_id, **overrides):
+    return {**entry, "id": item_id, **overrides}
+
+
+def test_items_the_processor_rejects_do_not_stop_the_run(benchmark, tmp_path, capsys):
+    """
+    Next to the two good items: an object whose segmentation at frame_idx is null (single mode), a missing video, an
+    unreadable video and a mask on a frame past the video's end. The run completes, the bad items carry their error,
+    the good items are answered as in a run without the bad items, and scoring counts the bad items as wrong.
+    """
+    first, second = benchmark["items"]
+    null_at_frame_idx = [{**first["annotation"][0], "2": {"segmentation": None}}]
+    bad = [
+        with_id(first, "null-mask", annotation=null_at_frame_idx),
+        with_id(first, "missing-video", video="DAVIS/JPEGImages/480p/gone"),
+        with_id(first, "broken-video", video="broken.mp4"),
+        with_id(first, "frame-out-of-range", frame_idx="50", annotation=[{"50": {"segmentation": moving_box_rle(0)}}]),
+    ]
+    good = [with_id(first, "good-0"), with_id(second, "good-1")]
+    annotations, reference_annotations = tmp_path / "with-bad-items.json", tmp_path / "good-items.json"
+    # batches of 3: the first generates both good items together, the second generates nothing
+    annotations.write_text(json.dumps([good[0], bad[0], good[1], bad[1], bad[2], bad[3]]))
+    reference_annotations.write_text(json.dumps(good))
+
+    output, reference = tmp_path / "preds.jsonl", tmp_path / "reference.jsonl"
+    assert main(inference_arguments(benchmark, output, "--batch-size", "3", annotations=annotations)) == 0
+    assert "4 of them have no answer" in capsys.readouterr().out
+    assert main(inference_arguments(benchmark, reference, "--batch-size", "2", annotations=reference_annotations)) == 0
+
+    records = {record["id"]: record for record in read_predictions(output)}
+    assert len(read_predictions(output)) == 6
+    assert [records[record["id"]] for record in read_predictions(reference)] == read_predictions(reference)
+    assert all("error" not in records[entry["id"]] for entry in good)
+    assert all(records[entry["id"]]["prediction"] == "" for entry in bad)
+    assert "the region has no pixels on any of its frames [2]" in records["null-mask"]["error"]
+    missing = benchmark["videos"] / "DAVIS/JPEGImages/480p/gone"
+    assert records["missing-video"]["error"] == f"item 'missing-video': no video or frame folder at {missing}"
+    assert "cannot read video file" in records["broken-video"]["error"]
+    assert "frame index 50 is out of range for a video of 10 frames" in records["frame-out-of-range"]["error"]
+
+    report_path = tmp_path / "report.json"
+    score = ["eval", "score", "bench-q", "--predictions", str(output), "--annotations", str(annotations)]
+    assert main([*score, "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    reference_report = score_bench_q(load_bench_q(reference_annotations), load_predictions(reference))
+    assert (report["correct"], report["total"]) == (reference_report["correct"], 6)
+    assert report["overall"] == pytest.approx(100 * reference_report["correct"] / 6)
+    assert [entry["id"] for entry in report["failed"]] == [entry["id"] for entry in bad]
+    assert all(
+        entry["reason"] == f"could not be preprocessed: {records[entry['id']]['error']}" for entry in report["failed"]
+    )

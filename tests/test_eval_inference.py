@@ -6,6 +6,7 @@ processes sharing one evaluation through RANK/WORLD_SIZE.
 
 import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,6 +28,8 @@ from transformers_videorefer.evaluation import (
     generate_predictions,
     load_bench_d,
     load_bench_q,
+    load_predictions,
+    score_bench_q,
 )
 from transformers_videorefer.evaluation.records import JsonlAppender
 
@@ -36,13 +39,20 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools"
 
 
 class FakeTokenizer:
+    pad_token_id = 0
+
     def apply_chat_template(self, messages, tokenize, add_generation_prompt):
         assert tokenize is False and add_generation_prompt is True
         return "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>"
 
 
 def render(text, video, masks, num_frames) -> str:
-    """What the fake processor feeds the fake model: everything the real processor would receive, as text."""
+    """
+    What the fake processor feeds the fake model: everything the real processor would receive, as text. Like the real
+    processor, it rejects a video that does not exist and a region without pixels with a `ValueError`.
+    """
+    if not os.path.exists(video):
+        raise ValueError(f"videos[0]: no such video file or frame folder: {video}")
     areas = [
         {
             str(frame): int(
@@ -54,6 +64,9 @@ def render(text, video, masks, num_frames) -> str:
         }
         for region in masks
     ]
+    for number, region in enumerate(areas):
+        if not any(region.values()):
+            raise ValueError(f"masks[0][{number}]: the region has no pixels on any of its frames {sorted(region)}")
     return json.dumps({"text": text, "video": os.path.basename(video), "areas": areas, "num_frames": num_frames})
 
 
@@ -64,7 +77,7 @@ class FakeProcessor:
         self.tokenizer = FakeTokenizer()
 
     def __call__(self, videos, masks, text, num_frames, padding, return_tensors):
-        assert padding is True and return_tensors == "pt"
+        assert return_tensors == "pt"
         rows = [list(render(t, v, m, num_frames).encode()) for t, v, m in zip(text, videos, masks)]
         width = max(len(row) for row in rows)
         ids = torch.tensor([[0] * (width - len(row)) + [b + 1 for b in row] for row in rows])
@@ -221,17 +234,138 @@ def test_bench_d_prompt(tmp_path):
     assert requests[0].video == str(tmp_path / "a.mp4")
 
 
-def test_requests_are_checked_before_any_generation(tmp_path):
-    annotations = write_bench_q(tmp_path, 2)
-    items = load_bench_q(annotations)
-    (tmp_path / "frames" / "v1").rmdir()
-    with pytest.raises(FileNotFoundError, match="1 videos are missing"):
-        bench_q_requests(items, tmp_path)
+def test_unusable_items_get_their_reason_in_the_request(tmp_path):
+    annotations = write_bench_q(tmp_path, 4)
     entries = json.loads(annotations.read_text())
     entries[0]["Question"] = "Is <region> red?"
+    entries[2]["frame_idx"] = "4"  # single mode: the first object has no annotation on frame 4
     annotations.write_text(json.dumps(entries))
-    with pytest.raises(ValueError, match="1 <region> but the annotation has 2 objects"):
-        bench_q_requests(load_bench_q(annotations), tmp_path)
+    (tmp_path / "frames" / "v1").rmdir()
+    requests = bench_q_requests(load_bench_q(annotations), tmp_path)
+    assert "the question has 1 <region> but the annotation has 2 objects" in requests[0].error
+    assert requests[1].error == f"item 1: no video or frame folder at {tmp_path / 'frames' / 'v1'}"
+    assert "object 0 has no annotation on frame_idx 4" in requests[2].error
+    assert [request.masks == [] for request in requests] == [True, True, True, False]
+    assert requests[3].error is None
+    # in multi mode, frame_idx does not matter
+    multi = bench_q_requests(load_bench_q(annotations), tmp_path, "multi")
+    assert [request.error is None for request in multi] == [False, False, True, True]
+
+
+def test_a_wrong_video_root_or_an_unusable_benchmark_stops_before_generation(tmp_path):
+    items = load_bench_q(write_bench_q(tmp_path, 2))
+    with pytest.raises(FileNotFoundError, match="none of the 2 videos exist under"):
+        bench_q_requests(items, tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="mode"):
+        bench_q_requests(items, tmp_path, "all")
+    entries = json.loads((tmp_path / "VideoRefer-Bench-Q.json").read_text())
+    for entry in entries:
+        entry["frame_idx"] = "4"
+    (tmp_path / "VideoRefer-Bench-Q.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match="no item of the benchmark can be answered.*frame_idx 4"):
+        bench_q_requests(load_bench_q(tmp_path / "VideoRefer-Bench-Q.json"), tmp_path)
+
+
+def write_bench_q_with_bad_items(root: Path) -> Path:
+    """Five items; item 1's first object is null at frame_idx (single mode), item 3's frame folder is missing."""
+    annotations = write_bench_q(root, 5)
+    entries = json.loads(annotations.read_text())
+    entries[1]["annotation"][0]["2"] = {"segmentation": None}
+    annotations.write_text(json.dumps(entries))
+    (root / "frames" / "v3").rmdir()
+    return annotations
+
+
+def test_items_the_processor_rejects_are_written_with_their_error(tmp_path, caplog):
+    annotations = write_bench_q_with_bad_items(tmp_path)
+    items = load_bench_q(annotations)
+    requests = bench_q_requests(items, tmp_path)
+    assert requests[1].error is None  # the empty mask is only rejected by the processor, in the worker
+    output = tmp_path / "preds.jsonl"
+    model = FakeModel()
+    with caplog.at_level(logging.WARNING, logger="transformers_videorefer.evaluation.inference"):
+        answered = generate_predictions(
+            requests,
+            output,
+            lambda device: (model, FakeProcessor()),
+            batch_size=3,
+            num_workers=0,
+            context=DistributedContext(),
+            progress=False,
+        )
+    assert answered == 5
+    # batches [0, 1, 2] and [3, 4]: the good items of each batch are generated together
+    assert [[json.loads(prompt)["video"] for prompt in batch] for batch in model.batches] == [["v0", "v2"], ["v4"]]
+    records = {record["id"]: record for record in read_lines(output)}
+    assert len(read_lines(output)) == 5 and sorted(records) == list(range(5))
+    assert records[1]["prediction"] == "" and records[3]["prediction"] == ""
+    assert records[1]["error"] == "masks[0][0]: the region has no pixels on any of its frames ['2']"
+    assert records[3]["error"] == f"item 3: no video or frame folder at {tmp_path / 'frames' / 'v3'}"
+    assert (records[1]["question"], records[1]["video"], records[1]["answer"]) == (
+        requests[1].question,
+        "frames/v1",
+        "(A) yes",
+    )
+
+    # the good items are answered exactly as by a run without the bad items
+    reference = tmp_path / "reference.jsonl"
+    good = [request for request in requests if request.id in (0, 2, 4)]
+    generate_predictions(
+        good,
+        reference,
+        lambda device: (FakeModel(), FakeProcessor()),
+        batch_size=3,
+        num_workers=0,
+        context=DistributedContext(),
+        progress=False,
+    )
+    assert [records[record["id"]] for record in read_lines(reference)] == read_lines(reference)
+
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings[:2] == [
+        f"item 1 could not be preprocessed, written unanswered: {records[1]['error']}",
+        f"item 3 could not be preprocessed, written unanswered: {records[3]['error']}",
+    ]
+    assert warnings[2] == f"2 items could not be preprocessed: 1, 3 (see their `error` in {output})"
+
+    # a rerun does not retry them: nothing is left to answer
+    def never_load(device):
+        raise AssertionError("a finished evaluation must not load the model")
+
+    lines = output.read_text()
+    assert generate_predictions(requests, output, never_load, context=DistributedContext(), progress=False) == 5
+    assert output.read_text() == lines
+
+    # scoring: the fake replies quote the question, whose first option "(A)" is the right answer
+    report = score_bench_q(items, load_predictions(output))
+    assert (report["correct"], report["total"]) == (3, 5)
+    assert report["failed"] == [
+        {"id": 1, "reason": f"could not be preprocessed: {records[1]['error']}"},
+        {"id": 3, "reason": f"could not be preprocessed: {records[3]['error']}"},
+    ]
+    assert report["unparsed"] == [] and report["missing"] == []
+
+
+def test_other_preprocessing_errors_stop_the_run(tmp_path):
+    class BrokenDiskProcessor(FakeProcessor):
+        def __call__(self, videos, *args, **kwargs):
+            if videos[0].endswith("v1"):
+                raise OSError("input/output error")
+            return super().__call__(videos, *args, **kwargs)
+
+    requests = bench_q_requests(load_bench_q(write_bench_q(tmp_path, 3)), tmp_path)
+    output = tmp_path / "preds.jsonl"
+    with pytest.raises(RuntimeError, match="preparing item 1 failed: input/output error"):
+        generate_predictions(
+            requests,
+            output,
+            lambda device: (FakeModel(), BrokenDiskProcessor()),
+            batch_size=1,
+            num_workers=0,
+            context=DistributedContext(),
+            progress=False,
+        )
+    assert [record["id"] for record in read_lines(output)] == [0]  # a transient error is not written: it is retried
 
 
 def test_crash_then_resume_writes_every_item_exactly_once(tmp_path):

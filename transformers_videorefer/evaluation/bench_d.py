@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .data import BenchItem
 from .judge import ChatJudge, JudgeError
 from .prompts import judge_messages
-from .records import JsonlAppender, read_jsonl, record_key, write_jsonl_atomic
+from .records import JsonlAppender, preprocessing_failure, read_jsonl, record_key, write_jsonl_atomic
 
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,9 @@ def judge_bench_d(
 
     Each judgement (scores, the judge's raw reply, or the reason it failed) is appended to `judgements_path` as soon
     as it arrives; a rerun reuses the successful judgements made by the same judge of the same prediction and judges
-    the rest again (so a rerun retries failed items). The finished file holds one line per item.
+    the rest again (so a rerun retries failed items). The finished file holds one line per judged item. Items without
+    a prediction, or whose prediction record has an `error` (inference could not preprocess them), are not sent to
+    the judge.
 
     Args:
         items: the benchmark items (`load_bench_d`).
@@ -171,7 +173,7 @@ def judge_bench_d(
     Returns:
         `dict` with the mean of each dimension (`SC`, `AD`, `TD`, `HD`, over the scored items), `average` (the mean
         of the four), `scored`, `total`, `judge`, and `failed`: `{"id", "reason"}` for every item that has no score
-        (no prediction, the judge failed, or its reply could not be parsed).
+        (no prediction, the item could not be preprocessed, the judge failed, or its reply could not be parsed).
     """
     if concurrency < 1 or parse_attempts < 1:
         raise ValueError(f"concurrency and parse_attempts must be at least 1, got {concurrency} and {parse_attempts}")
@@ -183,14 +185,16 @@ def judge_bench_d(
         )
     judgements_path = Path(judgements_path)
     judgements = _latest_judgements(judgements_path)
+    answered = [
+        item for item in items if item.key in predictions and preprocessing_failure(predictions[item.key]) is None
+    ]
     pending = [
         (item, predictions[item.key]["prediction"])
-        for item in items
-        if item.key in predictions
-        and not _is_reusable(judgements.get(item.key), item, predictions[item.key]["prediction"], judge.name)
+        for item in answered
+        if not _is_reusable(judgements.get(item.key), item, predictions[item.key]["prediction"], judge.name)
     ]
-    if len(pending) < len(items):
-        logger.info("reusing %d judgements from %s", len(items) - len(pending), judgements_path)
+    if len(pending) < len(answered):
+        logger.info("reusing %d judgements from %s", len(answered) - len(pending), judgements_path)
     with JsonlAppender(judgements_path) as appender, ThreadPoolExecutor(max_workers=concurrency) as pool:
         futures = [pool.submit(_judge_item, judge, item, text, parse_attempts) for item, text in pending]
         try:
@@ -201,7 +205,7 @@ def judge_bench_d(
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-    write_jsonl_atomic(judgements_path, [judgements[item.key] for item in items if item.key in judgements])
+    write_jsonl_atomic(judgements_path, [judgements[item.key] for item in answered])
     return _bench_d_report(items, predictions, judgements, judge.name)
 
 
@@ -212,6 +216,10 @@ def _bench_d_report(
     for item in items:
         if item.key not in predictions:
             failed.append({"id": item.id, "reason": "no prediction for this item"})
+            continue
+        failure = preprocessing_failure(predictions[item.key])
+        if failure is not None:
+            failed.append({"id": item.id, "reason": failure})
             continue
         record = judgements[item.key]
         if record["error"] is None:

@@ -5,6 +5,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from .data import BenchItem
+from .records import preprocessing_failure
 
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ def score_bench_q(items: Sequence[BenchItem], predictions: Mapping[str, dict]) -
     """
     Accuracy (percent) per question type and overall. `predictions` maps item keys (`BenchItem.key`) to records with
     a `prediction` string. A reply with no parsable letter counts as wrong and is listed under `unparsed`; an item
-    without a prediction counts as wrong and is listed under `missing`.
+    without a prediction counts as wrong and is listed under `missing`; an item that could not be preprocessed (its
+    record has an `error`) counts as wrong and is listed under `failed` as `{"id", "reason"}`.
     """
     known = {item.key for item in items}
     unknown = sorted(set(predictions) - known)
@@ -64,12 +66,16 @@ def score_bench_q(items: Sequence[BenchItem], predictions: Mapping[str, dict]) -
         t for t in dict.fromkeys(item.type for item in items) if t not in QUESTION_TYPES
     ]
     counts = {question_type: {"correct": 0, "total": 0} for question_type in type_order}
-    unparsed, missing = [], []
+    unparsed, missing, failed = [], [], []
     for item in items:
         record = predictions.get(item.key)
         counts[item.type]["total"] += 1
         if record is None:
             missing.append(item.id)
+            continue
+        failure = preprocessing_failure(record)
+        if failure is not None:
+            failed.append({"id": item.id, "reason": failure})
             continue
         chosen = parse_choice_letter(record["prediction"])
         if chosen is None:
@@ -78,6 +84,12 @@ def score_bench_q(items: Sequence[BenchItem], predictions: Mapping[str, dict]) -
             counts[item.type]["correct"] += 1
     if missing:
         logger.warning("%d of %d items have no prediction and count as wrong", len(missing), len(items))
+    if failed:
+        logger.warning(
+            "%d of %d items could not be preprocessed and count as wrong; see the report's `failed` list",
+            len(failed),
+            len(items),
+        )
     counts = {question_type: count for question_type, count in counts.items() if count["total"]}
     correct = sum(count["correct"] for count in counts.values())
     total = sum(count["total"] for count in counts.values())
@@ -89,6 +101,7 @@ def score_bench_q(items: Sequence[BenchItem], predictions: Mapping[str, dict]) -
         "total": total,
         "unparsed": unparsed,
         "missing": missing,
+        "failed": failed,
     }
 
 

@@ -16,7 +16,7 @@ from .captions import METRICS, caption_metrics, format_caption_table, load_refer
 from .data import MASK_MODES, load_bench_d, load_bench_q
 from .inference import DistributedContext, bench_d_requests, bench_q_requests, generate_predictions
 from .judge import LocalTransformersJudge, OpenAICompatibleJudge
-from .records import load_predictions
+from .records import load_predictions, preprocessing_failure, read_jsonl
 
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,12 @@ def _run_inference(args: argparse.Namespace, load_items: Callable, build_request
         print(f"{args.output}: all {answered} items answered")
     else:
         print(f"{args.output}: {answered} of {len(requests)} items answered; the other processes are still running")
+    unanswered = [record["id"] for record in read_jsonl(args.output) if preprocessing_failure(record) is not None]
+    if unanswered:
+        print(
+            f"{args.output}: {len(unanswered)} of them have no answer because they could not be preprocessed (first "
+            f"ids: {unanswered[:5]}); their `error` field says why, and scoring counts them as wrong or failed"
+        )
     return 0
 
 
@@ -103,8 +109,18 @@ def _score_bench_d(args: argparse.Namespace) -> int:
 
 def _score_captions(args: argparse.Namespace) -> int:
     references = load_references(args.references)
-    predictions = {key: record["prediction"] for key, record in load_predictions(args.predictions).items()}
-    report = caption_metrics(references, predictions, args.metrics)
+    records = load_predictions(args.predictions)
+    # An item that could not be preprocessed keeps its empty prediction: it is scored as an empty caption, so that the
+    # corpus metrics cover every reference (skipping it would raise the scores).
+    failed = [
+        {"id": record["id"], "reason": reason}
+        for record in records.values()
+        if (reason := preprocessing_failure(record)) is not None
+    ]
+    if failed:
+        logger.warning("%d items could not be preprocessed and are scored as empty captions", len(failed))
+    predictions = {key: record["prediction"] for key, record in records.items()}
+    report = {**caption_metrics(references, predictions, args.metrics), "failed": failed}
     _write_report(report, args.report, format_caption_table(report, args.name or Path(args.predictions).stem))
     return 0
 

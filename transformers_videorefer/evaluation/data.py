@@ -152,7 +152,8 @@ def region_masks(item: BenchItem, mode: str) -> list[dict[int, dict]]:
 
     `mode="single"` keeps each object's mask at the item's `frame_idx`; `mode="multi"` keeps all of its masks. A null
     segmentation (the object is not visible on that frame) becomes an empty mask of the video's size, as in the
-    release's evaluation.
+    release's evaluation. The processor rejects an object whose masks are all empty (such as a null segmentation at
+    `frame_idx` in single mode); inference then writes that item unanswered, with its error.
     """
     if mode not in MASK_MODES:
         raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")

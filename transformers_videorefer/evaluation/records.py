@@ -167,13 +167,18 @@ class JsonlAppender:
 
 
 def load_predictions(path: str | os.PathLike) -> dict[str, dict]:
-    """Prediction records (JSON lines with at least `id` and a `prediction` string), keyed by `record_key(id)`."""
+    """
+    Prediction records (JSON lines with at least `id` and a `prediction` string), keyed by `record_key(id)`. A record
+    may have an `error` string: the item could not be preprocessed and has no answer (see `preprocessing_failure`).
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no predictions file at {path}")
     predictions = {}
     for number, record in enumerate(read_jsonl(path), start=1):
         if "id" not in record or not isinstance(record.get("prediction"), str):
             raise ValueError(f"{path}: record {number} needs `id` and a `prediction` string, got keys {list(record)}")
+        if not isinstance(record.get("error"), (str, type(None))):
+            raise ValueError(f"{path}: record {number}: `error` must be a string or null, got {record['error']!r:.80}")
         key = record_key(record["id"])
         if key in predictions:
             raise ValueError(f"{path}: id {record['id']!r} appears more than once")
@@ -181,3 +186,12 @@ def load_predictions(path: str | os.PathLike) -> dict[str, dict]:
     if not predictions:
         raise ValueError(f"{path}: no predictions found")
     return predictions
+
+
+def preprocessing_failure(record: dict) -> str | None:
+    """
+    Why an item has no answer, for the reports (`"could not be preprocessed: <error>"`), when its prediction record
+    carries the `error` inference wrote for it; None for an answered item.
+    """
+    error = record.get("error")
+    return None if error is None else f"could not be preprocessed: {error}"
