@@ -281,3 +281,25 @@ def test_cuda_token_merge_never_syncs(backend):
     expected, expected_counts = temporal_token_merge_reference(tokens, lengths, 4)
     assert torch.equal(counts, expected_counts)
     torch.testing.assert_close(merged, expected)
+
+
+@interpreted
+def test_interpreted_model_region_tokens_match_torch_path():
+    """The model's region tokens are the same whichever implementation computes pooling and merge."""
+    import numpy as np
+
+    from transformers_videorefer.tiny import build_tiny_model_and_processor
+
+    frames = np.random.default_rng(0).integers(0, 256, (12, 30, 40, 3), dtype=np.uint8)
+    first, second = np.zeros((30, 40), bool), np.zeros((30, 40), bool)
+    first[2:15, 3:20], second[10:28, 15:38] = True, True
+    masks = [{4: first}, {k: second if k % 2 else first for k in (0, 2, 3, 5, 7, 9, 11)}]
+    region_tokens = {}
+    for backend in ("torch", "triton"):
+        model, processor = build_tiny_model_and_processor(seed=0, kernel_backend=backend)
+        prompt = "<video>\nCompare <region> with <region>."
+        inputs = processor(videos=frames, masks=masks, text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            region_tokens[backend] = model(**inputs).region_hidden_states
+    assert region_tokens["torch"].shape == (1 + 4, model.config.text_config.hidden_size)
+    torch.testing.assert_close(region_tokens["triton"], region_tokens["torch"], rtol=1e-5, atol=1e-5)
