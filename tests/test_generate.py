@@ -74,3 +74,18 @@ def test_pixels_and_regions_are_encoded_once(tiny_model, tiny_processor):
     assert new_tokens.shape[1] == 8
     # One call for the video frames and one for the mask frames, both in the first step only.
     assert calls == {"vision": 2, "object_encoder": 1}
+
+
+def test_placeholder_ids_outside_the_vocabulary(tiny_processor):
+    """The released models have no embedding rows for <image>/<video>: their ids lie past the vocabulary."""
+    from transformers_videorefer.tiny import build_tiny_model_and_processor
+
+    tokenizer = tiny_processor.tokenizer
+    vocab_size = min(tokenizer.convert_tokens_to_ids(["<image>", "<video>"]))
+    text_config = {**build_tiny_model_and_processor()[0].config.text_config.to_dict(), "vocab_size": vocab_size}
+    model, processor = build_tiny_model_and_processor(text_config=text_config)
+    assert model.config.video_token_id >= vocab_size > model.config.region_token_id
+    video, masks, text = sample_inputs(processor, 0)
+    inputs = processor(videos=video, masks=masks, text=text, return_tensors="pt")
+    assert model(**inputs).logits.shape[-1] == vocab_size
+    assert torch.equal(generate(model, inputs), generate(model, inputs, use_cache=False))

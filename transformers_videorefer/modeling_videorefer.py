@@ -324,10 +324,8 @@ class VideoReferModel(VideoReferPreTrainedModel):
     ) -> torch.Tensor:
         """Writes `features` (any leading shape, last dim = hidden) into the positions of the `token_id` placeholders."""
         if input_ids is None:
-            placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
-            mask = (inputs_embeds == placeholder).all(-1)
-        else:
-            mask = input_ids == token_id
+            raise ValueError(f"Pass input_ids (not inputs_embeds) with {name} inputs: they locate the placeholders")
+        mask = input_ids == token_id
         num_placeholders = int(mask.sum())
         num_features = features.numel() // features.shape[-1]
         if num_placeholders != num_features:
@@ -367,7 +365,14 @@ class VideoReferModel(VideoReferPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            # Placeholder ids may lie past the vocabulary (the released models have no rows for <image>/<video>);
+            # their embeddings are replaced below anyway.
+            placeholder_ids = torch.tensor(
+                [self.config.image_token_id, self.config.video_token_id, self.config.region_token_id],
+                device=input_ids.device,
+            )
+            text_ids = input_ids.masked_fill(torch.isin(input_ids, placeholder_ids), 0)
+            inputs_embeds = self.get_input_embeddings()(text_ids)
 
         visual_features = None
         if pixel_values_videos is not None:
@@ -385,7 +390,8 @@ class VideoReferModel(VideoReferPreTrainedModel):
             region_features = self.get_region_features(
                 region_pixel_values, region_masks, region_mask_sizes, region_frame_ids, region_object_ids
             )
-        if region_features is not None or past_key_values is None or past_key_values.get_seq_length() == 0:
+        is_prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if region_features is not None or (input_ids is not None and is_prefill):
             # Also checks that a prompt with <region> placeholders came with masks.
             empty = inputs_embeds.new_zeros(0, inputs_embeds.shape[-1])
             inputs_embeds = self._fill_placeholders(
