@@ -127,6 +127,11 @@ class VideoReferConfig(PreTrainedConfig):
         return self.vision_config.image_size // self.vision_config.patch_size
 
     @property
+    def placeholder_token_ids(self) -> tuple[int, int, int]:
+        """Ids of the `<image>`, `<video>` and `<region>` placeholders, whose embeddings the model replaces."""
+        return (self.image_token_id, self.video_token_id, self.region_token_id)
+
+    @property
     def num_visual_tokens(self) -> int:
         """Visual tokens per video of `num_frames` frames (and per image, which is repeated to `num_frames`)."""
         return stc_output_length(

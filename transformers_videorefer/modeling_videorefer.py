@@ -367,10 +367,7 @@ class VideoReferModel(VideoReferPreTrainedModel):
         if inputs_embeds is None:
             # Placeholder ids may lie past the vocabulary (the released models have no rows for <image>/<video>);
             # their embeddings are replaced below anyway.
-            placeholder_ids = torch.tensor(
-                [self.config.image_token_id, self.config.video_token_id, self.config.region_token_id],
-                device=input_ids.device,
-            )
+            placeholder_ids = torch.tensor(self.config.placeholder_token_ids, device=input_ids.device)
             text_ids = input_ids.masked_fill(torch.isin(input_ids, placeholder_ids), 0)
             inputs_embeds = self.get_input_embeddings()(text_ids)
 

@@ -103,9 +103,7 @@ def generation_config_for(config: VideoReferConfig, tokenizer) -> GenerationConf
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
         pad_token_id=tokenizer.pad_token_id,
         suppress_tokens=[
-            token_id
-            for token_id in (config.image_token_id, config.video_token_id, config.region_token_id)
-            if token_id < config.text_config.vocab_size
+            token_id for token_id in config.placeholder_token_ids if token_id < config.text_config.vocab_size
         ],
         do_sample=False,
     )
